@@ -1,0 +1,1 @@
+"""refimpl's conformance suite, imported as ``refimpl_conformance``."""

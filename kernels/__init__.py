@@ -1,0 +1,1 @@
+"""Numba kernels of refimpl, imported as ``refimpl_kernels``."""

@@ -1,0 +1,1 @@
+"""Model architectures built on the weight store and the kernels."""

@@ -1,0 +1,101 @@
+"""The operations a model is built from, in two modes.
+
+``reference`` runs the Numba kernels, whose reduction order is fixed per
+output element, so any chunking, batching or schedule gives bitwise identical
+results. ``fast`` runs numpy and its BLAS: faster on large products, but the
+rounding depends on shapes, so it is checked against the reference by
+tolerance, never bitwise.
+"""
+
+import numpy as np
+
+from refimpl.errors import RefimplError
+from refimpl_kernels import attention as attention_kernels
+from refimpl_kernels import elementwise
+from refimpl_kernels.matmul import linear_reference
+
+MODES = ("reference", "fast")
+
+
+class Ops:
+    """Kernels for one mode and one activation dtype (float32, or float64 for checking)."""
+
+    def __init__(self, mode="reference", dtype=np.float32):
+        if mode not in MODES:
+            raise RefimplError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+        self.mode = mode
+        self.dtype = np.dtype(dtype)
+
+    def cast(self, x):
+        return np.ascontiguousarray(x, dtype=self.dtype)
+
+    # x: [N, in_features] -> [N, out_features], weight chunks of [rows, in_features]
+    def linear(self, x, store, prefix, bias=True):
+        x = self.cast(x)
+        out_features = store.shape(prefix + ".weight")[0]
+        out = np.empty((x.shape[0], out_features), dtype=self.dtype)
+        for start, stop, w in store.chunks(prefix + ".weight"):
+            if self.mode == "reference":
+                linear_reference(x, w, out, start)
+            else:
+                np.matmul(x, w.T, out=out[:, start:stop], casting="unsafe")
+        if bias:
+            out += store.tensor(prefix + ".bias")
+        return out
+
+    # q: [B, Tq, H, D], k, v: [B, Tk, Hkv, D], mask: [B, Tq, Tk] additive -> [B, Tq, H, D]
+    def attention(self, q, k, v, mask, scale):
+        q, k, v, mask = self.cast(q), self.cast(k), self.cast(v), self.cast(mask)
+        scale = self.dtype.type(scale)
+        if self.mode == "reference":
+            out = np.empty_like(q)
+            attention_kernels.attention(q, k, v, mask, scale, out)
+            return out
+        return attention_numpy(q, k, v, mask, scale)
+
+    # x: [N, C] -> [N, C]
+    def layer_norm(self, x, weight, bias, eps):
+        x = self.cast(x)
+        if self.mode == "reference":
+            out = np.empty_like(x)
+            elementwise.layer_norm(x, self.cast(weight), self.cast(bias), self.dtype.type(eps), out)
+            return out
+        mean = x.mean(axis=-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+        return ((x - mean) / np.sqrt(var + eps) * weight + bias).astype(self.dtype)
+
+    def rms_norm(self, x, weight, eps):
+        x = self.cast(x)
+        if self.mode == "reference":
+            out = np.empty_like(x)
+            elementwise.rms_norm(x, self.cast(weight), self.dtype.type(eps), out)
+            return out
+        inv_rms = 1 / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+        return (weight * (x * inv_rms)).astype(self.dtype)
+
+    def gelu(self, x):
+        return elementwise.gelu_erf(self.cast(x))
+
+    def gelu_tanh(self, x):
+        return elementwise.gelu_tanh(self.cast(x))
+
+    def silu(self, x):
+        return elementwise.silu(self.cast(x))
+
+
+def attention_numpy(q, k, v, mask, scale):
+    """The same attention as the reference kernel, written with numpy batched products."""
+    B, Tq, H, D = q.shape
+    group = H // k.shape[2]
+    if group > 1:
+        k = np.repeat(k, group, axis=2)
+        v = np.repeat(v, group, axis=2)
+    # [B, H, Tq, D] @ [B, H, D, Tk] -> [B, H, Tq, Tk]
+    scores = np.matmul(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1)) * scale + mask[:, None]
+    row_max = scores.max(axis=-1, keepdims=True)
+    all_masked = np.isneginf(row_max)
+    weights = np.exp(scores - np.where(all_masked, 0, row_max))
+    total = weights.sum(axis=-1, keepdims=True)
+    weights = np.divide(weights, total, out=np.zeros_like(weights), where=~all_masked)
+    # [B, H, Tq, Tk] @ [B, H, Tk, D] -> [B, H, Tq, D] -> [B, Tq, H, D]
+    return np.matmul(weights, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3).astype(q.dtype)
