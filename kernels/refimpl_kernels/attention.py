@@ -37,22 +37,33 @@ def attention(q, k, v, mask, scale, out):
         b = bh // H
         h = bh % H
         kv = h // group
+
+        # k_t[d, j] = k[b, j, kv, d]: [D, Tk], so that the dot products of one
+        # query with all keys vectorise across keys while each one still sums
+        # over d in increasing order.
+        k_t = np.empty((D, Tk), dtype=k.dtype)
+        for j in range(Tk):
+            for d in range(D):
+                k_t[d, j] = k[b, j, kv, d]
+
         scores = np.empty(Tk, dtype=q.dtype)
         acc = np.empty(D, dtype=q.dtype)
         for i in range(Tq):
-            # scores: [Tk]; masked keys keep -inf and are skipped below
+            # scores: [Tk] = q[b, i, h] . k[b, j, kv] for every j
+            scores[:] = 0
+            for d in range(D):
+                q_d = q[b, i, h, d]
+                for j in range(Tk):
+                    scores[j] += q_d * k_t[d, j]
+
             row_max = q.dtype.type(neg_inf)
             for j in range(Tk):
                 if mask[b, i, j] == neg_inf:
                     scores[j] = neg_inf
-                    continue
-                dot = q.dtype.type(0)
-                for d in range(D):
-                    dot += q[b, i, h, d] * k[b, j, kv, d]
-                s = dot * scale + mask[b, i, j]
-                scores[j] = s
-                if s > row_max:
-                    row_max = s
+                else:
+                    scores[j] = scores[j] * scale + mask[b, i, j]
+                    if scores[j] > row_max:
+                        row_max = scores[j]
 
             acc[:] = 0
             if row_max == neg_inf:  # every key masked

@@ -7,7 +7,7 @@ increasing index order, so the result does not depend on how rows are batched.
 import math
 
 import numpy as np
-from numba import njit, prange, vectorize
+from numba import njit, prange
 
 SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2), for the erf form of GELU
 SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi), for the tanh form of GELU
@@ -46,19 +46,44 @@ def rms_norm(x, weight, eps, out):
             out[n, c] = weight[c] * (x[n, c] * inv_rms)
 
 
-@vectorize(["float32(float32)", "float64(float64)"], cache=True)
+@njit(parallel=True, cache=True)
+def _map_gelu_erf(x, out):
+    for i in prange(x.size):
+        v = x[i]
+        out[i] = 0.5 * v * (1 + math.erf(v * SQRT_HALF))
+
+
+@njit(parallel=True, cache=True)
+def _map_gelu_tanh(x, out):
+    for i in prange(x.size):
+        v = x[i]
+        out[i] = 0.5 * v * (1 + math.tanh(SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)))
+
+
+@njit(parallel=True, cache=True)
+def _map_silu(x, out):
+    for i in prange(x.size):
+        v = x[i]
+        out[i] = v / (1 + math.exp(-v))
+
+
+def _elementwise(kernel, x):
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    kernel(x.reshape(-1), out.reshape(-1))
+    return out
+
+
 def gelu_erf(x):
     """GELU as defined with the Gaussian CDF: 0.5 * x * (1 + erf(x / sqrt(2)))."""
-    return 0.5 * x * (1 + math.erf(x * SQRT_HALF))
+    return _elementwise(_map_gelu_erf, x)
 
 
-@vectorize(["float32(float32)", "float64(float64)"], cache=True)
 def gelu_tanh(x):
-    """GPT-2's tanh approximation of GELU."""
-    return 0.5 * x * (1 + math.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+    """GPT-2's tanh approximation of GELU ("gelu_new")."""
+    return _elementwise(_map_gelu_tanh, x)
 
 
-@vectorize(["float32(float32)", "float64(float64)"], cache=True)
 def silu(x):
     """x * sigmoid(x), the gate activation of Llama's SwiGLU MLP."""
-    return x / (1 + math.exp(-x))
+    return _elementwise(_map_silu, x)

@@ -60,11 +60,13 @@ class BertModel:
         store.set_execution_order(self.weight_order())
 
     def weight_order(self):
-        """Weight names in the order forward() uses them."""
+        """Names of the weights that forward() streams, in the order it uses them.
+
+        The embedding tables are left out: a lookup reads a few rows of them,
+        so prefetching their chunks in row order would read what is not used.
+        """
         p = self.prefix
-        names = [f"{p}embeddings.{n}" for n in (
-            "word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight",
-            "LayerNorm.weight", "LayerNorm.bias")]
+        names = [f"{p}embeddings.LayerNorm.weight", f"{p}embeddings.LayerNorm.bias"]
         for i in range(self.config.num_hidden_layers):
             layer = f"{p}encoder.layer.{i}."
             for part in ("attention.self.query", "attention.self.key", "attention.self.value",
