@@ -27,11 +27,11 @@ import numpy as np
 
 from refimpl.errors import FormatError, RefimplError
 
-# Tensor types that convert_gguf dequantizes. The K-quants need rows whose length is
-# a multiple of 256, the other block types a multiple of 32.
 # Bump when the converter's output changes, so cached conversions are redone.
 CONVERTER_VERSION = 1
 
+# Tensor types that convert_gguf dequantizes. The K-quants need rows whose length is
+# a multiple of 256, the other block types a multiple of 32.
 SUPPORTED_TYPES = (
     "F32", "F16", "BF16",
     "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
