@@ -12,8 +12,19 @@ MIB = 1 << 20
 
 
 def peak_rss_bytes():
-    """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process in bytes (VmHWM of /proc/self/status).
+
+    Not getrusage's ru_maxrss: Linux carries that value across fork and exec,
+    so a process started by a larger one reports its parent's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def read_texts(args):
@@ -172,8 +183,11 @@ def build_parser():
     inspect.add_argument("file", metavar="FILE", help="path of a .safetensors file")
     inspect.set_defaults(run=cmd_inspect)
 
+    from refimpl.generate import add_generate_parser, add_logits_parser
     from refimpl.gguf_import import add_convert_parser
 
+    add_generate_parser(commands)
+    add_logits_parser(commands)
     add_convert_parser(commands)
     return parser
 

@@ -12,6 +12,8 @@ import numpy as np
 from refimpl.errors import RefimplError
 from refimpl_kernels import attention as attention_kernels
 from refimpl_kernels import elementwise
+from refimpl_kernels import rope as rope_kernels
+from refimpl_kernels.conv1d import accumulate_xw
 from refimpl_kernels.matmul import linear_reference
 
 MODES = ("reference", "fast")
@@ -72,6 +74,41 @@ class Ops:
             return out
         inv_rms = 1 / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
         return (weight * (x * inv_rms)).astype(self.dtype)
+
+    # x: [N, H, D], positions: [N] -> [N, H, D], pairs (i, i + D/2) rotated by position * inv_freq[i]
+    def rope(self, x, positions, inv_freq):
+        x = self.cast(x)
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        inv_freq = self.cast(inv_freq)
+        if self.mode == "reference":
+            out = np.empty_like(x)
+            rope_kernels.rope(x, positions, inv_freq, out)
+            return out
+        angles = positions[:, None].astype(self.dtype) * inv_freq  # [N, D/2]
+        cos = np.cos(angles)[:, None, :]
+        sin = np.sin(angles)[:, None, :]
+        half = x.shape[-1] // 2
+        first, second = x[..., :half], x[..., half:]
+        return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+    # x: [N, in_features] -> [N, out_features], weight stored [in_features, out_features] (GPT-2's Conv1D)
+    def conv1d(self, x, store, prefix, bias=True):
+        """Apply a linear layer whose weight is stored transposed, so chunks are rows of in_features.
+
+        The reference path adds each chunk's share into one accumulator with k
+        ascending per element, so the chunk size does not change the bits.
+        """
+        x = self.cast(x)
+        out_features = store.shape(prefix + ".weight")[1]
+        out = np.zeros((x.shape[0], out_features), dtype=self.dtype)
+        for start, stop, w in store.chunks(prefix + ".weight"):
+            if self.mode == "reference":
+                accumulate_xw(x, w, out, start)
+            else:
+                out += np.matmul(x[:, start:stop], w)
+        if bias:
+            out += store.tensor(prefix + ".bias")
+        return out
 
     def gelu(self, x):
         return elementwise.gelu_erf(self.cast(x))
