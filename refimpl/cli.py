@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from refimpl.errors import RefimplError
+from refimpl.store import DEFAULT_CHUNK_ROWS
 
 MIB = 1 << 20
 
@@ -143,7 +144,7 @@ def add_weight_options(parser):
     parser.add_argument("--budget-mib", type=float, metavar="N",
                         help="bound resident weight pages to N MiB (1 MiB = 2^20 bytes); "
                              "default: no bound, weights stay resident")
-    parser.add_argument("--chunk-rows", type=int, default=256, metavar="N",
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, metavar="N",
                         help="rows per weight chunk; shrunk to fit the budget if needed (default: %(default)s)")
     parser.add_argument("--schedule", choices=("resident", "layer", "budget"),
                         help="resident: keep every page; layer: release each layer after use; "

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from refimpl.errors import RefimplError
 from refimpl.models.bert import BertConfig, BertModel
 from refimpl.ops import Ops
-from refimpl.store import WeightStore
+from refimpl.store import DEFAULT_CHUNK_ROWS, WeightStore
 
 DEFAULT_MAX_SEQ_LENGTH = 256
 
@@ -50,7 +50,7 @@ def read_max_seq_length(model_dir, config):
 class SentenceEncoder:
     """A BERT model with mean pooling and L2 normalisation."""
 
-    def __init__(self, model_dir, mode="reference", chunk_rows=256, budget_bytes=None,
+    def __init__(self, model_dir, mode="reference", chunk_rows=DEFAULT_CHUNK_ROWS, budget_bytes=None,
                  schedule=None, prefetch=1, dtype=np.float32):
         model_dir = Path(model_dir)
         weights = model_dir / "model.safetensors"

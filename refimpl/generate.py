@@ -24,7 +24,7 @@ from refimpl.errors import RefimplError
 from refimpl.models.gpt2 import GPT2Config, GPT2Model
 from refimpl.models.llama import KVCache, LlamaConfig, LlamaModel
 from refimpl.ops import Ops
-from refimpl.store import WeightStore
+from refimpl.store import DEFAULT_CHUNK_ROWS, WeightStore
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ARCHITECTURES = {
@@ -58,7 +58,7 @@ def token_text(value):
 class Decoder:
     """A decoder model folder: config, weights, tokenizer and chat template."""
 
-    def __init__(self, model_dir, mode="reference", chunk_rows=256, budget_bytes=None,
+    def __init__(self, model_dir, mode="reference", chunk_rows=DEFAULT_CHUNK_ROWS, budget_bytes=None,
                  schedule=None, prefetch=1, dtype=np.float32):
         from tokenizers import Tokenizer
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from refimpl.errors import RefimplError
 from refimpl_kernels import attention as attention_kernels
+from refimpl_kernels import threads_for
 from refimpl_kernels import elementwise
 from refimpl_kernels import rope as rope_kernels
 from refimpl_kernels.conv1d import accumulate_xw
@@ -38,7 +39,8 @@ class Ops:
         out = np.empty((x.shape[0], out_features), dtype=self.dtype)
         for start, stop, w in store.chunks(prefix + ".weight"):
             if self.mode == "reference":
-                linear_reference(x, w, out, start)
+                with threads_for(x.shape[0] * w.size):
+                    linear_reference(x, w, out, start)
             else:
                 np.matmul(x, w.T, out=out[:, start:stop], casting="unsafe")
         if bias:
@@ -51,7 +53,8 @@ class Ops:
         scale = self.dtype.type(scale)
         if self.mode == "reference":
             out = np.empty_like(q)
-            attention_kernels.attention(q, k, v, mask, scale, out)
+            with threads_for(q.size * k.shape[1]):
+                attention_kernels.attention(q, k, v, mask, scale, out)
             return out
         return attention_numpy(q, k, v, mask, scale)
 
@@ -60,7 +63,8 @@ class Ops:
         x = self.cast(x)
         if self.mode == "reference":
             out = np.empty_like(x)
-            elementwise.layer_norm(x, self.cast(weight), self.cast(bias), self.dtype.type(eps), out)
+            with threads_for(x.size):
+                elementwise.layer_norm(x, self.cast(weight), self.cast(bias), self.dtype.type(eps), out)
             return out
         mean = x.mean(axis=-1, keepdims=True)
         var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
@@ -70,7 +74,8 @@ class Ops:
         x = self.cast(x)
         if self.mode == "reference":
             out = np.empty_like(x)
-            elementwise.rms_norm(x, self.cast(weight), self.dtype.type(eps), out)
+            with threads_for(x.size):
+                elementwise.rms_norm(x, self.cast(weight), self.dtype.type(eps), out)
             return out
         inv_rms = 1 / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
         return (weight * (x * inv_rms)).astype(self.dtype)
@@ -82,7 +87,8 @@ class Ops:
         inv_freq = self.cast(inv_freq)
         if self.mode == "reference":
             out = np.empty_like(x)
-            rope_kernels.rope(x, positions, inv_freq, out)
+            with threads_for(x.size):
+                rope_kernels.rope(x, positions, inv_freq, out)
             return out
         angles = positions[:, None].astype(self.dtype) * inv_freq  # [N, D/2]
         cos = np.cos(angles)[:, None, :]
@@ -103,7 +109,8 @@ class Ops:
         out = np.zeros((x.shape[0], out_features), dtype=self.dtype)
         for start, stop, w in store.chunks(prefix + ".weight"):
             if self.mode == "reference":
-                accumulate_xw(x, w, out, start)
+                with threads_for(x.shape[0] * w.size):
+                    accumulate_xw(x, w, out, start)
             else:
                 out += np.matmul(x[:, start:stop], w)
         if bias:
@@ -111,13 +118,16 @@ class Ops:
         return out
 
     def gelu(self, x):
-        return elementwise.gelu_erf(self.cast(x))
+        with threads_for(x.size):
+            return elementwise.gelu_erf(self.cast(x))
 
     def gelu_tanh(self, x):
-        return elementwise.gelu_tanh(self.cast(x))
+        with threads_for(x.size):
+            return elementwise.gelu_tanh(self.cast(x))
 
     def silu(self, x):
-        return elementwise.silu(self.cast(x))
+        with threads_for(x.size):
+            return elementwise.silu(self.cast(x))
 
 
 def attention_numpy(q, k, v, mask, scale):

@@ -42,7 +42,7 @@ from refimpl.safetensors import SUPPORTED_DTYPES, SafetensorsFile
 MIB = 1 << 20
 BLOCK_SIZE = 2 * MIB
 SCHEDULES = ("resident", "layer", "budget")
-DEFAULT_CHUNK_ROWS = 256
+DEFAULT_CHUNK_ROWS = 1024
 
 
 @dataclass
