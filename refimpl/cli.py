@@ -186,9 +186,11 @@ def build_parser():
 
     from refimpl.generate import add_generate_parser, add_logits_parser
     from refimpl.gguf_import import add_convert_parser
+    from refimpl.ner.cli import add_ner_parser
 
     add_generate_parser(commands)
     add_logits_parser(commands)
+    add_ner_parser(commands)
     add_convert_parser(commands)
     return parser
 

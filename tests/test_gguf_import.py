@@ -604,7 +604,8 @@ def test_registry_converts_once(tmp_path, monkeypatch):
     first = registry.resolve_model("tiny-llama")
     second = registry.resolve_model("tiny-llama")
 
-    assert first == second == tmp_path / "cache" / "models" / "tiny-llama-1.0"
+    converted = f"tiny-llama-1.0-converter{refimpl.gguf_import.CONVERTER_VERSION}"
+    assert first == second == tmp_path / "cache" / "models" / converted
     assert (first / "model.safetensors").is_file()
     assert calls == ["fetch", "convert"]
 
