@@ -41,8 +41,10 @@ class Ops:
             if self.mode == "reference":
                 with threads_for(x.shape[0] * w.size):
                     linear_reference(x, w, out, start)
+            elif start == 0 and stop == out_features:
+                np.matmul(x, w.T, out=out)
             else:
-                np.matmul(x, w.T, out=out[:, start:stop], casting="unsafe")
+                out[:, start:stop] = np.matmul(x, w.T)
         if bias:
             out += store.tensor(prefix + ".bias")
         return out
@@ -118,8 +120,11 @@ class Ops:
         return out
 
     def gelu(self, x):
+        # The rational erf is accurate to float32 rounding only, so float64 keeps libm's erf.
+        approximate = self.mode == "fast" and self.dtype == np.float32
+        kernel = elementwise.gelu_erf_fast if approximate else elementwise.gelu_erf
         with threads_for(x.size):
-            return elementwise.gelu_erf(self.cast(x))
+            return kernel(self.cast(x))
 
     def gelu_tanh(self, x):
         with threads_for(x.size):
@@ -131,18 +136,24 @@ class Ops:
 
 
 def attention_numpy(q, k, v, mask, scale):
-    """The same attention as the reference kernel, written with numpy batched products."""
+    """Compute the reference kernel's attention with numpy batched products, in place where possible."""
     B, Tq, H, D = q.shape
     group = H // k.shape[2]
     if group > 1:
         k = np.repeat(k, group, axis=2)
         v = np.repeat(v, group, axis=2)
     # [B, H, Tq, D] @ [B, H, D, Tk] -> [B, H, Tq, Tk]
-    scores = np.matmul(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1)) * scale + mask[:, None]
+    scores = np.matmul(np.ascontiguousarray(q.transpose(0, 2, 1, 3)), np.ascontiguousarray(k.transpose(0, 2, 3, 1)))
+    scores *= scale
+    scores += mask[:, None]
     row_max = scores.max(axis=-1, keepdims=True)
     all_masked = np.isneginf(row_max)
-    weights = np.exp(scores - np.where(all_masked, 0, row_max))
-    total = weights.sum(axis=-1, keepdims=True)
-    weights = np.divide(weights, total, out=np.zeros_like(weights), where=~all_masked)
+    row_max[all_masked] = 0  # a fully masked row stays -inf, so its weights are exp(-inf) = 0
+    scores -= row_max
+    np.exp(scores, out=scores)
+    total = scores.sum(axis=-1, keepdims=True)
+    total[all_masked] = 1
+    scores /= total
     # [B, H, Tq, Tk] @ [B, H, Tk, D] -> [B, H, Tq, D] -> [B, Tq, H, D]
-    return np.matmul(weights, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3).astype(q.dtype)
+    out = np.matmul(scores, np.ascontiguousarray(v.transpose(0, 2, 1, 3)))
+    return np.ascontiguousarray(out.transpose(0, 2, 1, 3), dtype=q.dtype)

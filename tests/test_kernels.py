@@ -170,3 +170,12 @@ def test_gelu_forms():
     # The tanh approximation differs from the exact form by up to about 5e-4.
     difference = np.abs(gelu_tanh(x) - erf_form).max()
     assert 1e-5 < difference < 1e-3
+
+
+def test_fast_gelu_within_float32_rounding():
+    from refimpl_kernels.elementwise import gelu_erf_fast
+
+    x = np.linspace(-12, 12, 20001).astype(np.float32)
+    exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    error = np.abs(gelu_erf_fast(x).astype(np.float64) - exact)
+    assert np.all(error <= 1e-6 + 2e-7 * np.abs(exact))
