@@ -22,7 +22,8 @@ from refimpl.store import DEFAULT_CHUNK_ROWS, WeightStore
 DEFAULT_MAX_SEQ_LENGTH = 256
 
 
-def load_tokenizer(model_dir, max_length):
+def load_tokenizer(model_dir, max_length=None):
+    """Load the folder's tokenizer.json without padding, truncating to ``max_length`` tokens if given."""
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise RefimplError(f"{path}: not found; a model folder needs tokenizer.json")
@@ -31,7 +32,10 @@ def load_tokenizer(model_dir, max_length):
     except Exception as error:  # tokenizers raises a bare Exception for malformed files
         raise RefimplError(f"{path}: cannot load the tokenizer: {error}") from None
     tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=max_length)
+    if max_length is None:
+        tokenizer.no_truncation()
+    else:
+        tokenizer.enable_truncation(max_length=max_length)
     return tokenizer
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 
+from refimpl.embed import load_tokenizer
 from refimpl.errors import RefimplError
 from refimpl.models.bert import BertConfig, BertModel
 from refimpl.ops import Ops
@@ -125,20 +125,12 @@ def save_model_folder(folder, source_dir, config_values, labels, tensors):
 
 def load_word_piece_tokenizer(model_dir):
     """Load the folder's tokenizer.json with truncation and padding off; return it and its [CLS], [SEP], [UNK] ids."""
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise RefimplError(f"{path}: not found; a model folder needs tokenizer.json")
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as error:  # tokenizers raises a bare Exception for malformed files
-        raise RefimplError(f"{path}: cannot load the tokenizer: {error}") from None
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
+    tokenizer = load_tokenizer(model_dir)
     special = {}
     for token in ("[CLS]", "[SEP]", "[UNK]"):
         token_id = tokenizer.token_to_id(token)
         if token_id is None:
-            raise RefimplError(f"{path}: the vocabulary has no {token} token; a BERT word-piece "
+            raise RefimplError(f"{Path(model_dir) / 'tokenizer.json'}: the vocabulary has no {token} token; a BERT word-piece "
                                "tokenizer is needed")
         special[token] = token_id
     return tokenizer, special

@@ -1,9 +1,11 @@
-"""Training: the BERT backward pass, AdamW, and training state that can be offloaded to disk."""
+"""Training: the BERT, Llama and GPT-2 backward passes, AdamW, and training state that can be offloaded to disk."""
 
 import numpy as np
 
 from refimpl.train.backward_ops import TrainOps
 from refimpl.train.bert_backward import BertTokenClassifier, parameter_shapes
+from refimpl.train.gpt2_backward import GPT2CausalLM, build_gpt2_training
+from refimpl.train.llama_backward import LlamaCausalLM, build_llama_training
 from refimpl.train.offload import TrainingState
 
 
