@@ -1,6 +1,7 @@
 """The ``refimpl`` command line."""
 
 import argparse
+import math
 import resource
 import sys
 import time
@@ -51,10 +52,16 @@ def read_texts(args):
 
 
 def budget_bytes(args):
+    """Return --budget-mib in bytes, or None without a budget; reject what no budget can mean."""
     if args.budget_mib is None:
+        if getattr(args, "schedule", None) == "budget":
+            raise RefimplError("--schedule budget needs --budget-mib N")
         return None
-    if args.budget_mib <= 0:
+    if not math.isfinite(args.budget_mib) or args.budget_mib <= 0:
         raise RefimplError(f"--budget-mib {args.budget_mib} is invalid; use a positive number of MiB")
+    if getattr(args, "schedule", None) in ("resident", "layer"):
+        raise RefimplError(f"--budget-mib is ignored by --schedule {args.schedule}; drop one of them "
+                           "(a budget implies --schedule budget)")
     return int(args.budget_mib * MIB)
 
 
@@ -195,11 +202,19 @@ def build_parser():
     return parser
 
 
+def check_counts(args):
+    """Reject a negative or zero count among the options every command shares."""
+    for option, minimum in (("batch_size", 1), ("chunk_rows", 1), ("prefetch", 0)):
+        value = getattr(args, option, None)
+        if value is not None and value < minimum:
+            flag = "--" + option.replace("_", "-")
+            raise RefimplError(f"{flag} {value} is invalid; use {minimum} or more")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "batch_size", 1) < 1:
-            raise RefimplError(f"--batch-size {args.batch_size} is invalid; use 1 or more")
+        check_counts(args)
         args.run(args)
     except RefimplError as error:
         print(f"refimpl: error: {error}", file=sys.stderr)

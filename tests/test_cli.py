@@ -1,5 +1,6 @@
 """The refimpl command line, run as a user runs it: in a subprocess."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -108,3 +109,24 @@ def test_budget_bounds_peak_rss(minilm_dir, tmp_path):
     # weight but the word-embedding rows these texts do not use. This shows
     # that the measurement can tell the two apart.
     assert resident >= bounded + 25, (baseline, bounded, resident)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["embed", "--budget-mib", "inf", "x"], ["--budget-mib inf"]),
+    (["embed", "--budget-mib", "nan", "x"], ["--budget-mib nan"]),
+    (["embed", "--prefetch", "-1", "x"], ["--prefetch -1"]),
+    (["embed", "--chunk-rows", "0", "x"], ["--chunk-rows 0"]),
+    (["embed", "--schedule", "resident", "--budget-mib", "8", "x"], ["--schedule resident"]),
+    (["embed", "--schedule", "budget", "x"], ["--budget-mib"]),
+])
+def test_invalid_numbers_are_one_line(args, fragments, minilm_dir):
+    args = args[:1] + ["--model", str(minilm_dir)] + args[1:]
+    assert_one_line_error(run(*args), *fragments)
+
+
+def test_unwritable_cache_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = subprocess.run([sys.executable, "-m", "refimpl.cli", "embed", "x"], capture_output=True, text=True,
+                            env={**os.environ, "REFIMPL_CACHE": str(blocker / "cache")}, timeout=120)
+    assert_one_line_error(result, "REFIMPL_CACHE")

@@ -72,8 +72,16 @@ def load_data(options):
             raise RefimplError("--dev needs --train; without both, the WNUT-16 train set is split into train and dev")
         return split_train_dev(load_wnut16_train(), options.dev_fraction, options.seed)
     train = read_conll(options.train_file)
+    if not train:
+        raise RefimplError(f"{options.train_file}: contains no sentences; give a CoNLL file with TOKEN TAG lines")
     if options.dev_file is not None:
-        return train, read_conll(options.dev_file)
+        dev = read_conll(options.dev_file)
+        if not dev:
+            raise RefimplError(f"{options.dev_file}: contains no sentences; give a CoNLL file with TOKEN TAG lines")
+        return train, dev
+    if len(train) < 2:
+        raise RefimplError(f"{options.train_file}: has 1 sentence, too few to split into train and dev; "
+                           "add sentences or pass --dev FILE")
     return split_train_dev(train, options.dev_fraction, options.seed)
 
 
