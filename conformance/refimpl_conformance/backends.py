@@ -69,28 +69,48 @@ class RefimplBackend(Backend):
         return {"hidden_states": hidden_states, self.arch.output_name: output}
 
     def gradients(self, inputs, labels):
-        """Mean cross-entropy over labelled tokens and the gradient of every parameter (BERT only).
+        """Compute the loss and the gradient of every parameter with refimpl's training pass.
 
-        Uses refimpl's token-classification training pass in this backend's mode
-        and dtype, without dropout.
+        BERT cases use the token classifier (mean cross-entropy over labelled
+        tokens, without dropout). Llama and GPT-2 cases use the causal-LM head,
+        which shifts ``labels`` so that position t is scored on token t + 1.
+        Both run in this backend's mode and dtype.
         """
         from refimpl import safetensors
-        from refimpl.train import build_training
+        from refimpl.train import build_gpt2_training, build_llama_training, build_training
 
-        if self.arch.name != "bert":
-            raise NotImplementedError(f"refimpl has no backward pass for {self.arch.name}")
         weights = safetensors.load(self.case.weights_path)
-        num_labels = len(self.case.config["id2label"])
-        state, model = build_training(self.make_config(self.arch, self.case), weights, num_labels,
-                                      dtype=np.dtype(self.dtype), mode=self.mode)
+        config = self.make_config(self.arch, self.case)
+        dtype = np.dtype(self.dtype)
+        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels}
+        if self.arch.name == "bert":
+            num_labels = len(self.case.config["id2label"])
+            state, model = build_training(config, weights, num_labels, dtype=dtype, mode=self.mode)
+            batch["example_ids"] = np.arange(len(labels))
+            options = {"train": False}
+        else:
+            build = build_llama_training if self.arch.name == "llama" else build_gpt2_training
+            state, model = build(config, weights, dtype=dtype, mode=self.mode)
+            options = {}
         try:
-            batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-                     "labels": labels, "example_ids": np.arange(len(labels))}
-            loss = model.accumulate_gradients([batch], state.grads, train=False)
+            loss = model.accumulate_gradients([batch], state.grads, **options)
             gradients = {name: np.array(state.grads.arrays[name]) for name in state.names()}
         finally:
             state.close()
         return {"loss": loss, "gradients": gradients}
+
+    def token_logits(self, inputs):
+        """Return the token-classification logits [B, T, L]: the BERT encoder, then the classifier."""
+        if self.arch.name != "bert" or "classifier.weight" not in self.store.index:
+            raise NotImplementedError(f"case {self.case.name} has no token-classification head")
+        hidden = np.asarray(self.arch.forward(self.model, inputs, []))
+        B, T, C = hidden.shape
+        logits = self.model.ops.linear(hidden.reshape(B * T, C), self.store, "classifier")
+        return np.asarray(logits).reshape(B, T, -1)
+
+    def ner(self, inputs):
+        """Return the label id [B, T] of every word piece: the argmax of the token-classification logits."""
+        return self.token_logits(inputs).argmax(axis=-1)
 
     def close(self):
         if self.store is not None:
@@ -211,13 +231,17 @@ class TransformersBackend(Backend):
         return {"hidden_states": hidden_states, self.arch.output_name: final.detach().numpy()}
 
     def gradients(self, inputs, labels):
-        """Loss and parameter gradients of BertForTokenClassification by autograd, in float32."""
+        """Compute the loss and parameter gradients by autograd in float32, without dropout.
+
+        BERT cases load BertForTokenClassification. Llama and GPT-2 cases load
+        LlamaForCausalLM or GPT2LMHeadModel, which shift ``labels`` themselves.
+        A tied output projection is one parameter, listed under the embedding's name.
+        """
         torch = self.torch
         import transformers
 
-        if self.arch.name != "bert":
-            raise NotImplementedError(f"no gradient case is defined for {self.arch.name}")
-        model = transformers.BertForTokenClassification.from_pretrained(
+        class_name = "BertForTokenClassification" if self.arch.name == "bert" else self.arch.transformers_class
+        model = getattr(transformers, class_name).from_pretrained(
             str(self.model_dir), attn_implementation="eager", dtype=torch.float32).eval()  # eval: no dropout
         arguments = {name: torch.from_numpy(np.asarray(array, dtype=np.int64)) for name, array in inputs.items()}
         output = model(**arguments, labels=torch.from_numpy(np.asarray(labels, dtype=np.int64)))
@@ -225,6 +249,20 @@ class TransformersBackend(Backend):
         gradients = {name: parameter.grad.detach().numpy().copy() for name, parameter in model.named_parameters()
                      if parameter.grad is not None}
         return {"loss": float(output.loss.detach()), "gradients": gradients}
+
+    def ner(self, inputs):
+        """Return the label id [B, T] of every word piece from BertForTokenClassification in float32."""
+        torch = self.torch
+        import transformers
+
+        if self.arch.name != "bert":
+            raise NotImplementedError(f"no NER head for {self.arch.name}")
+        model = transformers.BertForTokenClassification.from_pretrained(
+            str(self.model_dir), attn_implementation="eager", dtype=torch.float32).eval()
+        arguments = {name: torch.from_numpy(np.asarray(array, dtype=np.int64)) for name, array in inputs.items()}
+        with torch.no_grad():
+            logits = model(**arguments).logits
+        return logits.argmax(dim=-1).numpy()
 
     def close(self):
         for hook in getattr(self, "hooks", []):

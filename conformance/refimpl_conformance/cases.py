@@ -10,7 +10,7 @@ A golden bundle is one folder per case:
 - ``expected.safetensors``: float64 goldens named as the checks name them
   (``hidden_states.0`` ... ``hidden_states.L``, ``last_hidden_state`` or
   ``logits``; ``logits.topk_values`` and ``logits.topk_indices`` for real
-  decoders).
+  decoders; ``loss`` and ``gradients.<parameter>`` for gradient cases).
 - ``config.json`` and ``model.safetensors`` for a random model. A real model's
   weights come from refimpl's registry at verify time and are checked against
   the stored sha256.
@@ -31,6 +31,7 @@ import numpy as np
 
 from refimpl import safetensors
 from refimpl.errors import RefimplError
+from refimpl.ner.scoring import entity_report
 from refimpl.ops import Ops
 from refimpl.registry import resolve_model, sha256_file
 from refimpl.store import WeightStore
@@ -62,6 +63,9 @@ class CaseSpec:
     tolerance_reason: str = ""
     min_attention_score: float | None = None  # generation fails unless some score exceeds this
     gradient_labels: int | None = None  # labels of a token-classification head: adds loss and gradient checks
+    causal_lm_gradients: bool = False  # decoders: adds checks of the causal-LM loss and every parameter's gradient
+    ner_labels: tuple = ()  # IOB2 tags of a token-classification head: adds exact checks of tags and entity scores
+    ner_sentences: tuple = ()  # ((word, gold tag), ...) per sentence, for a case with ner_labels
 
 
 CASES = [
@@ -92,6 +96,18 @@ CASES = [
              "BertForTokenClassification with 5 labels: hidden states, the mean cross-entropy over labelled "
              "tokens and the gradient of every parameter; 3 rows of 9, 5 and 1 tokens, some tokens unlabelled",
              (9, 5, 1), seed=9, gradient_labels=5),
+    CaseSpec("bert-ner-tags", "bert",
+             "BertForTokenClassification with the IOB2 tags O, B-PER, I-PER, B-LOC and I-LOC: hidden states, "
+             "the predicted tag of every word (at its first word piece) and the conlleval entity scores "
+             "against gold tags; 3 sentences of 7, 4 and 6 words, each word 1 to 3 random word pieces",
+             (), seed=10, ner_labels=("O", "B-PER", "I-PER", "B-LOC", "I-LOC"),
+             # The random model tags the word pieces, not the words, so the gold tags were chosen to
+             # match some of its chunks and miss others.
+             ner_sentences=((("Augusta", "B-PER"), ("Ada", "I-PER"), ("King", "I-PER"), ("London", "B-LOC"),
+                             ("and", "O"), ("near", "O"), ("Surrey", "B-LOC")),
+                            (("Ola", "B-PER"), ("visits", "O"), ("Oslo", "B-LOC"), ("Bergen", "B-LOC")),
+                            (("Alan", "B-PER"), ("met", "O"), ("Grace", "B-PER"), ("Hopper", "I-PER"),
+                             ("in", "O"), ("Boston", "B-LOC")))),
     # ---- BERT, real weights ----
     CaseSpec("minilm-real", "bert",
              "all-MiniLM-L6-v2 from the registry; 3 sentences, right-padded; channels 0-31 of every hidden state",
@@ -111,10 +127,30 @@ CASES = [
     CaseSpec("llama-bias-mqa", "llama", "biases, one key-value head, rope_theta 500; 2 rows of 17 and 10 tokens",
              (17, 10), seed=15,
              config={"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 1, "rope_theta": 500.0}),
+    CaseSpec("llama-causal-lm-gradients", "llama",
+             "LlamaForCausalLM with tied embeddings and 4 query heads over 2 key-value heads: hidden states, "
+             "logits, the causal-LM loss and the gradient of every parameter; 3 rows of 9, 5 and 2 tokens, "
+             "right-padded, every fourth token unlabelled",
+             (9, 5, 2), seed=16, config={"tie_word_embeddings": True}, causal_lm_gradients=True),
+    # ---- Llama, real weights ----
+    CaseSpec("smollm2-real", "llama",
+             "SmolLM2-135M-Instruct from the registry; one prompt of 10 tokens; channels 0-31 of every hidden "
+             "state and the top 10 logits of every position",
+             (), registry_model="smollm2-135m-instruct", select_channels=(0, 32), logits_top_k=10,
+             texts=("The capital of France is Paris, and the capital",),
+             tolerance={"float64": DEFAULT_TOLERANCES["float64"], "float32": {"rtol": 1e-4, "atol": 1e-3}},
+             tolerance_reason="the residual stream reaches about 1900 at the first position, so float32 rounds "
+                              "elements near 0.5 by up to 1.4e-4 after 30 layers (refimpl-reference-f32 on "
+                              "hidden_states.30, 0.9 of the default atol of 1e-4), so float32 atol is 1e-3 here"),
     # ---- GPT-2, random weights: hidden 32, 4 heads, 2 layers ----
     CaseSpec("gpt2-right-padding", "gpt2", "3 rows of 11, 6 and 1 tokens, right-padded", (11, 6, 1), seed=21),
     CaseSpec("gpt2-batch7", "gpt2", "7 rows of 15, 4, 9, 1, 15, 7 and 12 tokens, left-padded",
              (15, 4, 9, 1, 15, 7, 12), padding="left", seed=22),
+    CaseSpec("gpt2-causal-lm-gradients", "gpt2",
+             "GPT2LMHeadModel (output projection tied to wte): hidden states, logits, the causal-LM loss and the "
+             "gradient of every parameter; 3 rows of 8, 6 and 3 tokens, right-padded, every fourth token "
+             "unlabelled",
+             (8, 6, 3), seed=23, causal_lm_gradients=True),
 ]
 
 
@@ -194,7 +230,10 @@ def write_random_model(spec, arch, folder):
     config = arch.random_config(**spec.config)
     weights = arch.random_weights(config, spec.seed)
     if spec.gradient_labels:
-        weights, config = add_token_classifier(weights, config, spec.gradient_labels, spec.seed)
+        labels = [f"LABEL_{i}" for i in range(spec.gradient_labels)]
+        weights, config = add_token_classifier(weights, config, labels, spec.seed)
+    if spec.ner_labels:
+        weights, config = add_token_classifier(weights, config, list(spec.ner_labels), spec.seed, scale=2.0)
     for pattern, factor in spec.weight_scales:
         matched = [name for name in weights if fnmatch.fnmatchcase(name, pattern)]
         if not matched:
@@ -207,14 +246,17 @@ def write_random_model(spec, arch, folder):
     return config
 
 
-def add_token_classifier(weights, config, num_labels, seed):
-    """Name BERT weights as BertForTokenClassification does ("bert." prefix) and add a random classifier."""
+def add_token_classifier(weights, config, labels, seed, scale=0.2):
+    """Name BERT weights as BertForTokenClassification does ("bert." prefix) and add a random classifier.
+
+    ``scale`` is the standard deviation of the classifier weights.
+    """
     rng = np.random.default_rng(seed + 1000)
     C = config["hidden_size"]
+    num_labels = len(labels)
     weights = {f"bert.{name}": array for name, array in weights.items()}
-    weights["classifier.weight"] = (rng.standard_normal((num_labels, C)) * 0.2).astype(np.float32)
+    weights["classifier.weight"] = (rng.standard_normal((num_labels, C)) * scale).astype(np.float32)
     weights["classifier.bias"] = (rng.standard_normal(num_labels) * 0.05).astype(np.float32)
-    labels = [f"LABEL_{i}" for i in range(num_labels)]
     config = dict(config, architectures=["BertForTokenClassification"],
                   id2label={str(i): label for i, label in enumerate(labels)},
                   label2id={label: i for i, label in enumerate(labels)})
@@ -228,6 +270,83 @@ def token_labels(spec, mask, num_labels):
     labels[:, ::3] = -100
     labels[mask == 0] = -100
     return labels
+
+
+def causal_lm_token_labels(input_ids, mask):
+    """Labels [B, T] as transformers' causal-LM heads take them: the input ids, -100 at padding and every fourth token.
+
+    The model shifts them, so position t is scored on labels[t + 1].
+    """
+    labels = np.array(input_ids, dtype=np.int64)
+    labels[:, 3::4] = -100
+    labels[mask == 0] = -100
+    return labels
+
+
+def ner_word_pieces(spec, vocab_size):
+    """Ids and mask [B, T] of the NER sentences, and the position of each word's first piece.
+
+    There is no tokenizer for a random model, so each word becomes 1 to 3
+    random piece ids between a [CLS] (id 1) and a [SEP] (id 2).
+    """
+    rng = np.random.default_rng(spec.seed + 3000)
+    rows, word_starts = [], []
+    for sentence in spec.ner_sentences:
+        ids, starts = [1], []
+        for _ in sentence:
+            starts.append(len(ids))
+            ids += rng.integers(3, vocab_size, int(rng.integers(1, 4))).tolist()
+        rows.append(ids + [2])
+        word_starts.append(starts)
+    T = max(len(row) for row in rows)
+    input_ids = np.zeros((len(rows), T), dtype=np.int64)
+    mask = np.zeros((len(rows), T), dtype=np.int64)
+    for b, row in enumerate(rows):
+        input_ids[b, :len(row)] = row
+        mask[b, :len(row)] = 1
+    return input_ids, mask, word_starts
+
+
+def entity_score_rows(report):
+    """Flatten a conlleval entity report into (names, values): the counts and scores of each type, then micro."""
+    names, values = [], []
+    groups = list(report["per_type"].items()) + [("micro", report["micro"])]
+    for group, scores in groups:
+        for key in ("support", "predicted", "correct", "precision", "recall", "f1"):
+            names.append(f"{group}.{key}")
+            values.append(float(scores[key]))
+    names.append("accuracy")
+    values.append(float(report["accuracy"]))
+    return names, np.array(values, dtype=np.float64)
+
+
+def ner_outputs(ner, label_ids):
+    """Tag each word from label ids [B, T] of every word piece; return (outputs, tags, entity report).
+
+    ``ner`` is the case's "ner" entry. A word's tag is the label of its first
+    piece. The outputs are "ner.tags" [B, W], label ids padded with -1 past
+    the end of a sentence, and "ner.entity_scores" (see ``entity_score_rows``).
+    Raises ValueError when ``label_ids`` has the wrong shape or an id outside
+    the label list.
+    """
+    label_ids = np.asarray(label_ids)
+    labels = ner["labels"]
+    rows = len(ner["word_starts"])
+    min_length = max(max(starts, default=0) for starts in ner["word_starts"]) + 1
+    if label_ids.ndim != 2 or label_ids.shape[0] != rows or label_ids.shape[1] < min_length:
+        raise ValueError(f"ner() returned label ids of shape {label_ids.shape}; expected [B, T] with B = {rows} "
+                         "and T the length of the input_ids")
+    if not np.issubdtype(label_ids.dtype, np.integer) or label_ids.min() < 0 or label_ids.max() >= len(labels):
+        raise ValueError(f"ner() returned label ids outside 0..{len(labels) - 1} (dtype {label_ids.dtype}); "
+                         "return the argmax over the labels of config.json's id2label")
+    width = max(len(starts) for starts in ner["word_starts"])
+    tags = np.full((len(ner["word_starts"]), width), -1, dtype=np.int64)
+    predicted = []
+    for b, starts in enumerate(ner["word_starts"]):
+        tags[b, :len(starts)] = label_ids[b, starts]
+        predicted.append([labels[int(i)] for i in tags[b, :len(starts)]])
+    report = entity_report(ner["gold_tags"], predicted)
+    return {"ner.tags": tags, "ner.entity_scores": entity_score_rows(report)[1]}, predicted, report
 
 
 def registry_inputs(spec, model_dir, config):
@@ -316,14 +435,18 @@ def generate_case(spec, out_dir):
         model_dir = folder
         config = write_random_model(spec, arch, folder)
         pad_id = config.get("pad_token_id") or 0
-        ids, mask = random_token_rows(spec, config["vocab_size"], pad_id)
+        if spec.ner_labels:
+            ids, mask, word_starts = ner_word_pieces(spec, config["vocab_size"])
+        else:
+            ids, mask = random_token_rows(spec, config["vocab_size"], pad_id)
         weights_entry = {"source": "case", "file": "model.safetensors"}
     weights_path = model_dir / "model.safetensors"
     weights_entry["sha256"] = sha256_file(weights_path)
     weights_entry["bytes"] = weights_path.stat().st_size
 
     # The training forward pass takes no token types, so a gradient case keeps them all 0.
-    types = None if arch.causal or spec.gradient_labels else token_type_rows(mask)
+    # A NER case keeps them 0 because each row is one sentence.
+    types = None if arch.causal or spec.gradient_labels or spec.ner_labels else token_type_rows(mask)
     inputs = arch.make_inputs(ids, mask, types)
     ops = ScoreRecordingOps("reference", np.float64)
     store = WeightStore(weights_path)
@@ -339,16 +462,25 @@ def generate_case(spec, out_dir):
 
     expected = expected_tensors(spec, arch, hidden_states, output)
     gradients_entry, parameters = None, None
-    if spec.gradient_labels:
-        labels = token_labels(spec, mask, spec.gradient_labels)
-        loss, gradients = reference_gradients(folder, config, inputs, labels)
+    if spec.gradient_labels or spec.causal_lm_gradients:
+        if spec.causal_lm_gradients:
+            labels = causal_lm_token_labels(ids, mask)
+            gradients_entry = {"labels": labels.tolist(),
+                               "loss": "mean cross-entropy of token t + 1 predicted at position t, over the "
+                                       "targets whose label is not -100 (labels are not shifted in the case)"}
+        else:
+            labels = token_labels(spec, mask, spec.gradient_labels)
+            gradients_entry = {"num_labels": spec.gradient_labels, "labels": labels.tolist(),
+                               "loss": "mean cross-entropy over the tokens whose label is not -100"}
+        loss, gradients = reference_gradients(folder, arch, config, inputs, labels)
         parameters = list(gradients)
+        gradients_entry["parameters"] = parameters
         expected["loss"] = np.array([loss], dtype=np.float64)
         expected.update({f"gradients.{name}": np.asarray(g, dtype=np.float64) for name, g in gradients.items()})
         inputs["labels"] = labels
-        gradients_entry = {"num_labels": spec.gradient_labels, "labels": labels.tolist(),
-                           "loss": "mean cross-entropy over the tokens whose label is not -100",
-                           "parameters": parameters}
+    ner_entry = None
+    if spec.ner_labels:
+        ner_entry = reference_ner(spec, folder, arch, config, inputs, word_starts)
     safetensors.save(folder / "inputs.safetensors", inputs)
     safetensors.save(folder / "expected.safetensors", expected)
 
@@ -366,14 +498,15 @@ def generate_case(spec, out_dir):
                      "tensors": {name: list(array.shape) for name, array in expected.items()}},
         "num_layers": num_layers,
         "output_name": arch.output_name,
-        "checks": build_checks(spec, arch, num_layers, parameters),
+        "checks": build_checks(spec, arch, num_layers, parameters) + ner_checks(ner_entry),
         "tolerance_reason": spec.tolerance_reason,
-        # Only BERT has a backward pass in refimpl so far; decoder cases have no gradients.
         "gradients": gradients_entry,
         "properties": {"max_attention_score": round(ops.max_score, 6)},
         "generator": {"command": GENERATE_COMMAND, "engine": "refimpl reference mode, float64, resident weights",
                       **provenance()},
     }
+    if ner_entry:
+        case["ner"] = ner_entry
     (folder / "case.json").write_text(dump_json(case), encoding="utf-8")
     return folder
 
@@ -384,13 +517,14 @@ def dump_json(value):
     return re.sub(r"\[[^\[\]{}\"]*\]", lambda match: " ".join(match.group(0).split()), text) + "\n"
 
 
-def reference_gradients(folder, config, inputs, labels):
-    """Loss and parameter gradients of the token classifier in ``folder``, by refimpl in float64."""
+def reference_gradients(folder, arch, config, inputs, labels):
+    """Loss and parameter gradients of the model in ``folder``, by refimpl in float64."""
     from refimpl_conformance.backends import RefimplBackend
 
-    info = CaseInfo(name=folder.name, architecture="bert", config=config, model_dir=folder,
+    num_layers = config.get("num_hidden_layers", config.get("n_layer"))
+    info = CaseInfo(name=folder.name, architecture=arch.name, config=config, model_dir=folder,
                     weights_path=folder / "model.safetensors", input_names=tuple(inputs),
-                    output_name="last_hidden_state", num_layers=config["num_hidden_layers"])
+                    output_name=arch.output_name, num_layers=num_layers)
     backend = RefimplBackend()
     backend.prepare(info)
     try:
@@ -398,6 +532,54 @@ def reference_gradients(folder, config, inputs, labels):
     finally:
         backend.close()
     return result["loss"], result["gradients"]
+
+
+NER_MIN_LOGIT_GAP = 1e-2  # at each first piece, between the best and the second-best label
+
+
+def reference_ner(spec, folder, arch, config, inputs, word_starts):
+    """Tag the NER sentences with refimpl in float64; return the case's "ner" entry with tags and entity scores.
+
+    Raises RefimplError when a word's best and second-best label logits are
+    closer than NER_MIN_LOGIT_GAP, because a float32 backend could then pick
+    either, and an exact check would fail a correct backend.
+    """
+    from refimpl_conformance.backends import RefimplBackend
+
+    info = CaseInfo(name=folder.name, architecture=arch.name, config=config, model_dir=folder,
+                    weights_path=folder / "model.safetensors", input_names=tuple(inputs),
+                    output_name=arch.output_name, num_layers=config["num_hidden_layers"])
+    backend = RefimplBackend()
+    backend.prepare(info)
+    try:
+        logits = backend.token_logits(inputs)
+    finally:
+        backend.close()
+    for b, starts in enumerate(word_starts):
+        top2 = np.sort(logits[b, starts], axis=-1)[:, -2:]
+        gap = float((top2[:, 1] - top2[:, 0]).min())
+        if gap < NER_MIN_LOGIT_GAP:
+            raise RefimplError(f"case {spec.name}: sentence {b} has a word whose two best label logits differ by "
+                               f"{gap:.2e}, below {NER_MIN_LOGIT_GAP}; change the seed or the sentence")
+    ner = {"labels": list(spec.ner_labels),
+           "words": [[word for word, _ in sentence] for sentence in spec.ner_sentences],
+           "gold_tags": [[tag for _, tag in sentence] for sentence in spec.ner_sentences],
+           "word_starts": word_starts}
+    outputs, predicted, report = ner_outputs(ner, logits.argmax(axis=-1))
+    ner.update({"predicted_tags": predicted, "expected_tag_ids": outputs["ner.tags"].tolist(),
+                "entity_score_names": entity_score_rows(report)[0],
+                "entity_scores": outputs["ner.entity_scores"].tolist(), "entity_report": report})
+    return ner
+
+
+def ner_checks(ner):
+    """Build the exact checks of a NER case: the tag of every word, then the entity scores."""
+    if not ner:
+        return []
+    return [{"output": "ner.tags", "label": "tag of each word", "metric": "exact", "select": None,
+             "tolerance": DEFAULT_TOLERANCES},
+            {"output": "ner.entity_scores", "label": "entity scores", "metric": "exact", "select": None,
+             "tolerance": DEFAULT_TOLERANCES}]
 
 
 def generate(out_dir, pattern=None, log=print):
@@ -477,6 +659,10 @@ def load_case(folder):
     labels = inputs.pop("labels", None)
     expected = {name: np.array(array) for name, array in
                 safetensors.load(folder / case["expected"]["file"]).items()}
+    if case.get("ner"):
+        # The NER goldens are small and discrete, so case.json stores them.
+        expected["ner.tags"] = np.array(case["ner"]["expected_tag_ids"], dtype=np.int64)
+        expected["ner.entity_scores"] = np.array(case["ner"]["entity_scores"], dtype=np.float64)
     arch_inputs = tuple(name for name in inputs)
     info = CaseInfo(name=case["name"], architecture=case["architecture"], config=case["config"],
                     model_dir=model_dir, weights_path=weights_path, input_names=arch_inputs,

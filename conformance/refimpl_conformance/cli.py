@@ -1,7 +1,8 @@
 """The ``refimpl-conformance`` command: generate the goldens, or verify a backend against them.
 
-Exit status: 0 when every case passed or was skipped, 1 when a case failed,
-2 on invalid usage or an error such as a missing golden folder.
+Exit status: 0 when every case passed or was skipped and at least one passed,
+1 when a case failed or every case was skipped, 2 on invalid usage or an error
+such as a missing golden folder.
 """
 
 import argparse
@@ -56,7 +57,7 @@ def run_verify(arguments):
     from refimpl_conformance.backends import load_backend
     from refimpl_conformance.cases import find_cases
     from refimpl_conformance.compare import load_overrides
-    from refimpl_conformance.runner import FAILED, verify
+    from refimpl_conformance.runner import FAILED, PASSED, verify
 
     overrides = load_overrides(arguments.tolerances)
     backend = load_backend(arguments.backend)
@@ -74,7 +75,12 @@ def run_verify(arguments):
         report.write_json(arguments.report, backend.name, results)
     if arguments.junit:
         report.write_junit(arguments.junit, backend.name, results)
-    return 1 if any(result.status == FAILED for result in results) else 0
+    if any(result.status == FAILED for result in results):
+        return 1
+    if not any(result.status == PASSED for result in results):
+        print("refimpl-conformance: no case ran: every selected case was skipped", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv=None):

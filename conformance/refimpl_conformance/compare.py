@@ -74,9 +74,11 @@ def load_overrides(path=None):
     """Read the per-backend tolerance overrides; every entry must give a reason.
 
     The file is JSON: ``{"overrides": [{"backend": GLOB, "case": GLOB, "output":
-    GLOB, "rtol": float, "atol": float, "reason": str}, ...]}``. A missing file
-    means no overrides.
+    GLOB, "rtol": float, "atol": float, "reason": str}, ...]}``. Without the
+    default file there are no overrides; a path given explicitly must exist.
     """
+    if path is not None and not Path(path).is_file():
+        raise RefimplError(f"{path}: tolerance file not found; check the --tolerances path")
     path = Path(path) if path is not None else DEFAULT_OVERRIDES_PATH
     if not path.is_file():
         return []

@@ -16,11 +16,16 @@ that supplies the optional ones):
   That is ``last_hidden_state`` [B, T, C] for encoders and ``logits``
   [B, T, V] for decoders. Arrays may be numpy arrays or anything
   ``np.asarray`` accepts.
-- ``gradients(inputs, labels) -> dict`` (optional): for cases with a token
-  classification head, ``{"loss": float, "gradients": {name: array}}``. The
-  loss is the mean cross-entropy over tokens whose label is not -100.
-- ``ner(inputs) -> dict`` (optional): ``tags`` and ``scores``. No case checks
-  NER output yet.
+- ``gradients(inputs, labels) -> dict`` (optional): for cases with a loss,
+  ``{"loss": float, "gradients": {name: array}}``. For a BERT token
+  classifier the loss is the mean cross-entropy over tokens whose label is
+  not -100. For a Llama or GPT-2 causal LM, position t is scored on
+  ``labels[t + 1]`` and the mean runs over the targets that are not -100.
+- ``ner(inputs) -> array`` (optional): for cases with a NER head, the label
+  id [B, T] of every word piece, the argmax of the token-classification
+  logits. The runner takes each word's tag at its first piece, scores the
+  tags against the gold ones with conlleval's rules and compares tags and
+  scores exactly. A backend without ``ner`` skips NER cases.
 - ``close()`` (optional): release the model after a case.
 """
 

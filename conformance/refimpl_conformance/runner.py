@@ -7,7 +7,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from refimpl.errors import RefimplError
-from refimpl_conformance.cases import WeightsMismatchError, load_case
+from refimpl_conformance.cases import WeightsMismatchError, load_case, ner_outputs
 from refimpl_conformance.compare import resolve_tolerance, run_check
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
@@ -54,6 +54,8 @@ def verify_case(backend, folder, overrides):
         return result
 
     supported = backend.supports(case.info)
+    if supported is True and case.info.metadata.get("ner") and not callable(getattr(backend, "ner", None)):
+        supported = "a NER case, and the backend has no ner() method"
     if supported is not True:
         result.status = SKIPPED
         result.reason = supported if isinstance(supported, str) else "not supported by the backend"
@@ -64,6 +66,9 @@ def verify_case(backend, folder, overrides):
         outputs = backend.run({key: value.copy() for key, value in case.inputs.items()})
         if isinstance(outputs, dict) and case.labels is not None:
             outputs = dict(outputs, **run_gradients(backend, case, result))
+        if isinstance(outputs, dict) and case.info.metadata.get("ner"):
+            label_ids = backend.ner({key: value.copy() for key, value in case.inputs.items()})
+            outputs = dict(outputs, **ner_outputs(case.info.metadata["ner"], label_ids)[0])
     except Exception as error:  # a broken backend is a failed case, not a crashed suite
         last = traceback.extract_tb(error.__traceback__)[-1]
         result.reason = f"backend raised {type(error).__name__}: {error} ({last.filename}:{last.lineno})"
