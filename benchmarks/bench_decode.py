@@ -9,6 +9,7 @@ refimpl fast and reference modes with resident weights, and refimpl reference
 under a 16 MiB weight budget. Decode is greedy with a KV cache. The roofline
 compares decode tokens/s x weight bytes per token with the memory read
 bandwidth of this machine, measured in the same run by summing a 512 MiB array.
+Each row runs in its own process (see isolated.py).
 """
 
 import argparse
@@ -19,6 +20,8 @@ import sys
 import time
 
 import numpy as np
+
+from isolated import run_isolated
 
 MIB = 1 << 20
 
@@ -85,7 +88,7 @@ def main():
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
 
-    import torch
+    from importlib.metadata import version
 
     from refimpl.generate import Decoder
     from refimpl.registry import resolve_model
@@ -97,14 +100,14 @@ def main():
 
     report = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
               "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-                          "numpy": np.__version__, "torch": torch.__version__,
-                          "torch_threads": torch.get_num_threads()},
+                          "numpy": np.__version__, "torch": version("torch")},
               "read_bandwidth_bytes_per_s": read_bandwidth()}
     rows = {
-        "transformers (torch, float32)": bench_transformers(model_dir, prompt_ids, args.new_tokens),
-        "refimpl fast": bench_refimpl(model_dir, prompt_ids, args.new_tokens, "fast"),
-        "refimpl reference": bench_refimpl(model_dir, prompt_ids, args.new_tokens, "reference"),
-        "refimpl reference, 16 MiB budget": bench_refimpl(model_dir, prompt_ids, args.new_tokens, "reference", 16),
+        "transformers (torch, float32)": run_isolated(bench_transformers, model_dir, prompt_ids, args.new_tokens),
+        "refimpl fast": run_isolated(bench_refimpl, model_dir, prompt_ids, args.new_tokens, "fast"),
+        "refimpl reference": run_isolated(bench_refimpl, model_dir, prompt_ids, args.new_tokens, "reference"),
+        "refimpl reference, 16 MiB budget": run_isolated(bench_refimpl, model_dir, prompt_ids, args.new_tokens,
+                                                         "reference", 16),
     }
     report["rows"] = rows
 

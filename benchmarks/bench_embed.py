@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from isolated import run_isolated
+
 
 def best_time(function, repeats):
     """Minimum wall time of ``repeats`` calls, after one warm-up call."""
@@ -56,22 +58,35 @@ def fixed_length_texts(tokenizer, batch=32, length=128):
     return texts
 
 
-def bench_embeddings(model_dir, texts, repeats):
+def time_refimpl(model_dir, texts, mode, repeats):
+    from refimpl.embed import SentenceEncoder
+
+    encoder = SentenceEncoder(model_dir, mode=mode)
+    return best_time(lambda: encoder.encode(texts, batch_size=32), repeats)
+
+
+def time_sentence_transformers(model_dir, texts, repeats):
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from refimpl.embed import SentenceEncoder
-
-    reference = SentenceEncoder(model_dir, mode="reference")
-    fast = SentenceEncoder(model_dir, mode="fast")
-    peer = SentenceTransformer(str(model_dir), device="cpu")
-    tokens = sum(len(ids) for ids in reference.tokenize(texts))
-    rows = {}
-    rows["refimpl reference"] = best_time(lambda: reference.encode(texts, batch_size=32), repeats)
-    rows["refimpl fast"] = best_time(lambda: fast.encode(texts, batch_size=32), repeats)
+    model = SentenceTransformer(str(model_dir), device="cpu")
     with torch.inference_mode():
-        rows["sentence-transformers (torch)"] = best_time(
-            lambda: peer.encode(texts, batch_size=32, convert_to_numpy=True), repeats)
+        return best_time(lambda: model.encode(texts, batch_size=32, convert_to_numpy=True), repeats)
+
+
+def bench_embeddings(model_dir, texts, repeats):
+    """Time each backend on ``texts``, each in its own process (see isolated.py)."""
+    from refimpl.embed import load_tokenizer, read_max_seq_length
+    from refimpl.models.bert import BertConfig
+
+    config = BertConfig.from_file(model_dir / "config.json")
+    tokenizer = load_tokenizer(model_dir, read_max_seq_length(model_dir, config))
+    tokens = sum(len(encoding.ids) for encoding in tokenizer.encode_batch(texts))
+    rows = {
+        "refimpl reference": run_isolated(time_refimpl, model_dir, texts, "reference", repeats),
+        "refimpl fast": run_isolated(time_refimpl, model_dir, texts, "fast", repeats),
+        "sentence-transformers (torch)": run_isolated(time_sentence_transformers, model_dir, texts, repeats),
+    }
     peer_seconds = rows["sentence-transformers (torch)"]
     return {name: {"seconds": s, "tokens_per_s": tokens / s, "vs_torch": peer_seconds / s}
             for name, s in rows.items()}, tokens
@@ -102,7 +117,8 @@ def main():
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
 
-    import torch
+    from importlib.metadata import version
+
     from tokenizers import Tokenizer
 
     from refimpl.registry import resolve_model
@@ -112,12 +128,12 @@ def main():
     report = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "blas": blas_info()},
+                    "python": platform.python_version(), "numpy": np.__version__, "torch": version("torch"),
+                    "blas": blas_info()},
     }
     report["tweets"], report["tweet_tokens"] = bench_embeddings(model_dir, texts_for_benchmark(args.texts), args.repeats)
     report["batch_32x128"], _ = bench_embeddings(model_dir, fixed_length_texts(tokenizer), args.repeats)
-    report["matmul"] = bench_matmul(args.repeats)
+    report["matmul"] = run_isolated(bench_matmul, args.repeats)
 
     print(f"command: {report['command']}")
     print(f"machine: {report['machine']}")

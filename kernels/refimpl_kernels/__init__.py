@@ -1,8 +1,18 @@
 """Numba kernels of refimpl, imported as ``refimpl_kernels``."""
 
+import os
 from contextlib import contextmanager
 
-import numba
+# Numba's OpenMP workers spin for a long time after each parallel region by
+# default, which takes the cores from OpenBLAS's threads when fast mode
+# alternates Numba kernels with BLAS calls. A short spin (libgomp reads this
+# when it loads, so it must be set before the first parallel call) raised
+# fast-mode training from 733 to 1,039 tokens/s and 64-token prefill from 135
+# to 405 tokens/s on a 2-core EPYC, and left reference decoding unchanged
+# (benchmarks/bench_train.py and bench_decode.py). A value set by the user wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+import numba  # noqa: E402  (after the environment setting above)
 
 # Below this many multiply-adds or elements, a call runs on one thread: waking
 # the thread pool costs tens of microseconds, and far more on a busy machine,
