@@ -4,6 +4,7 @@ import json
 import time
 
 from refimpl.errors import RefimplError
+from refimpl.store import DEFAULT_CHUNK_ROWS
 
 MIB = 1 << 20
 
@@ -131,7 +132,7 @@ def add_ner_parser(subparsers):
                             "moments to N MiB (needs --offload-dir)")
     train.add_argument("--offload-dir", metavar="DIR",
                        help="keep parameters, gradients and moments in memory-mapped files under DIR")
-    train.add_argument("--chunk-rows", type=int, default=256, metavar="N",
+    train.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, metavar="N",
                        help="rows per weight chunk; shrunk to fit the budget (default: %(default)s)")
     train.add_argument("--resume", action="store_true",
                        help="continue from OUT/checkpoint, written at the end of each epoch")

@@ -23,7 +23,7 @@ from refimpl.errors import RefimplError
 from refimpl.models.bert import BertConfig, BertModel
 from refimpl.ops import Ops
 from refimpl.safetensors import SafetensorsFile, save
-from refimpl.store import WeightStore
+from refimpl.store import DEFAULT_CHUNK_ROWS, WeightStore
 from refimpl.train.backward_ops import IGNORE_INDEX
 from refimpl.train.bert_backward import parameter_shapes
 
@@ -217,7 +217,7 @@ def pad_windows(windows, pad_id=0):
 class NerTagger:
     """A saved token-classification folder run on the chunked weight store for evaluation and prediction."""
 
-    def __init__(self, model_dir, mode="reference", max_length=128, chunk_rows=256, budget_bytes=None,
+    def __init__(self, model_dir, mode="reference", max_length=128, chunk_rows=DEFAULT_CHUNK_ROWS, budget_bytes=None,
                  schedule=None, prefetch=1):
         model_dir = Path(model_dir)
         values, self.config = read_model_config(model_dir)

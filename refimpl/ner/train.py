@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from refimpl.errors import RefimplError
+from refimpl.store import DEFAULT_CHUNK_ROWS
 from refimpl.ner.conll import label_list, load_wnut16_train, read_conll, split_train_dev, write_conll
 from refimpl.ner.model import (WindowEncoder, initial_weights, model_labels, pad_windows, read_model_config,
                                save_model_folder, tag_words)
@@ -59,7 +60,7 @@ class TrainOptions:
     mode: str = "fast"
     budget_bytes: int | None = None
     offload_dir: str | None = None
-    chunk_rows: int = 256
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
     resume: bool = False
     stop_after_epoch: int | None = None  # stop (with a checkpoint) after this many epochs in all
     progress: bool = True

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from refimpl.store import DEFAULT_CHUNK_ROWS
 from refimpl.train.backward_ops import TrainOps
 from refimpl.train.bert_backward import BertTokenClassifier, parameter_shapes
 from refimpl.train.gpt2_backward import GPT2CausalLM, build_gpt2_training
@@ -10,7 +11,7 @@ from refimpl.train.offload import TrainingState
 
 
 def build_training(config, weights, num_labels, dtype=np.float32, mode="reference", offload_dir=None,
-                   budget_bytes=None, chunk_rows=256, dropout=0.0, seed=0):
+                   budget_bytes=None, chunk_rows=DEFAULT_CHUNK_ROWS, dropout=0.0, seed=0):
     """Return (TrainingState, BertTokenClassifier) with the parameters set to ``weights`` (name -> array)."""
     shapes = parameter_shapes(config, num_labels)
     state = TrainingState({name: (shape, dtype) for name, shape in shapes.items()},
