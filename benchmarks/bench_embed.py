@@ -4,8 +4,9 @@ Run from the repository root with the peer extra installed:
 
     python benchmarks/bench_embed.py [--texts N] [--repeats R] [--json FILE]
 
-All numbers come from one process, one after another on the same inputs, so
-they can be compared as ratios; absolute numbers drift on a shared machine.
+All numbers come from one command, one backend after another on the same
+inputs, so they can be compared as ratios. Absolute numbers drift on a shared
+machine.
 Inputs: the first N tweets of the WNUT-16 training data (fetched through the
 registry), and a fixed batch of 32 texts of 128 word pieces.
 """

@@ -87,8 +87,9 @@ class SentenceEncoder:
     def encode(self, texts, batch_size=32, progress=None):
         """Embed texts: -> float32 [len(texts), hidden_size].
 
-        Texts are batched by length to save padding work; the batch a text
-        lands in does not change its embedding (the kernels are exact per row).
+        Texts are batched by length to save padding work. The batch a text
+        lands in does not change its embedding, because the kernels are exact
+        per row.
         ``progress``, if given, is called with the number of texts finished.
         """
         all_ids = self.tokenize(texts)

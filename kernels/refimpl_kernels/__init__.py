@@ -5,10 +5,10 @@ from contextlib import contextmanager
 
 # Numba's OpenMP workers spin for a long time after each parallel region by
 # default, which takes the cores from OpenBLAS's threads when fast mode
-# alternates Numba kernels with BLAS calls. A short spin (libgomp reads this
-# when it loads, so it must be set before the first parallel call) raised
-# fast-mode training from 733 to 1,039 tokens/s and 64-token prefill from 135
-# to 405 tokens/s on a 2-core EPYC, and left reference decoding unchanged
+# alternates Numba kernels with BLAS calls. libgomp reads GOMP_SPINCOUNT when it
+# loads, so it is set here, before the first parallel call. On a 2-core EPYC a
+# short spin raised fast-mode training from 733 to 1,039 tokens/s and 64-token
+# prefill from 135 to 405 tokens/s, and left reference decoding unchanged
 # (benchmarks/bench_train.py and bench_decode.py). A value set by the user wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
