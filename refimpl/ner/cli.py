@@ -107,7 +107,7 @@ def add_ner_parser(subparsers):
                        help="CoNLL dev data (default: a seeded 10%% split of the training data)")
     train.add_argument("--out", required=True, metavar="DIR", help="output folder")
     train.add_argument("--epochs", type=int, default=4, metavar="N", help="passes over the data (default: %(default)s)")
-    train.add_argument("--lr", type=float, default=1e-4, metavar="X",
+    train.add_argument("--lr", type=float, default=2e-4, metavar="X",
                        help="peak AdamW learning rate (default: %(default)s)")
     train.add_argument("--batch-size", type=int, default=16, metavar="N",
                        help="windows per optimizer step (default: %(default)s)")

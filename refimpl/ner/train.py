@@ -49,7 +49,9 @@ class TrainOptions:
     dev_file: str | None = None
     dev_fraction: float = 0.1
     epochs: int = 4
-    lr: float = 1e-4
+    # Chosen on the dev split with the other defaults: dev F1 50.0 and 58.0 for
+    # seeds 0 and 1, against 44.5 and 57.7 at 1e-4.
+    lr: float = 2e-4
     batch_size: int = 16
     micro_batch_size: int | None = None  # None: the whole batch at once
     max_length: int = 128
