@@ -3,11 +3,12 @@
 A weight of shape [out_features, in_features] is served as chunks of
 ``chunk_rows`` rows, each a zero-copy view of the mapped safetensors file
 (a copy only for BF16 or unaligned tensors, one chunk at a time). The store
-accounts for the memory that the chunks it has handed out may have made
-resident (in aligned blocks, see BLOCK_SIZE), and keeps that under a budget: past it, the least recently
-used chunks are evicted and their pages released with
-``madvise(MADV_DONTNEED)``, which drops them from this process's resident set
-(``posix_madvise`` is a no-op on Linux, so it would not).
+counts the memory that the chunks it has handed out may have made resident,
+in aligned blocks of BLOCK_SIZE, and keeps that count under a budget. Past the
+budget, the least recently used chunks are evicted. Blocks that no resident
+chunk covers any more are released with ``madvise(MADV_DONTNEED)``, which drops
+them from this process's resident set (``posix_madvise`` would not, because it
+is a no-op on Linux).
 
 Schedules, named as in the CLI:
 
@@ -106,7 +107,7 @@ class _BlockCounts:
 
 
 def layer_of(name):
-    """The layer prefix of a weight name ("encoder.layer.3." for "encoder.layer.3.output.dense.weight")."""
+    """Return the layer prefix of a weight name ("encoder.layer.3." for "encoder.layer.3.output.dense.weight")."""
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part.isdigit():

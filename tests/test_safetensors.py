@@ -366,7 +366,7 @@ def test_tensor_info_absolute_offsets(tmp_path):
     header_length = int.from_bytes(path.read_bytes()[:8], "little")
     data_start = 8 + header_length
 
-    # save() orders by decreasing itemsize, then name: b (I64), c (F32), a (F16).
+    # Tensors are laid out by decreasing itemsize, then name: b (I64), c (F32), a (F16).
     with SafetensorsFile(path) as file:
         assert file.header_length == header_length
         assert list(file.tensors) == ["b", "c", "a"]

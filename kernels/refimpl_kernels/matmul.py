@@ -7,7 +7,7 @@ Every output element is computed the same way, whatever the shapes:
 in the dtype of the inputs, with a separate multiply and add (no fused
 multiply-add: Numba compiles without fastmath, so LLVM does not contract them).
 Nothing in this order depends on M, on which rows of ``w`` a chunk holds, or on
-how work is shared between threads, so splitting the rows of ``x`` (a batch or
+how work is shared between threads. So splitting the rows of ``x`` (a batch or
 a decode step) or the rows of ``w`` (a weight chunk) gives bitwise identical
 results. numpy's BLAS makes no such promise: its blocking, and so its rounding,
 changes with the shape.

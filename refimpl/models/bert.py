@@ -104,7 +104,7 @@ class BertModel:
         return self.ops.linear(heads.reshape(B * T, H * D), self.store, prefix + "output.dense")
 
     def layer(self, x, mask, B, T, i):
-        """One post-LN layer: [B*T, C] -> [B*T, C]."""
+        """Apply one post-LN layer: [B*T, C] -> [B*T, C]."""
         prefix = f"{self.prefix}encoder.layer.{i}."
         x = self.layer_norm(x + self.self_attention(x, mask, B, T, prefix + "attention."),
                             prefix + "attention.output.LayerNorm")

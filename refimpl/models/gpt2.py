@@ -12,7 +12,7 @@ use B (batch), T (new tokens), S (cached plus new tokens), C (n_embd), H
 from dataclasses import dataclass, fields
 
 from refimpl.errors import RefimplError
-from refimpl.models.llama import causal_mask, prepare_step, read_config_json
+from refimpl.models.llama import causal_mask, prepare_step, read_config_json, token_id_set
 
 # transformers' names of the activations GPT-2 configs use, and the Ops method of each.
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -60,11 +60,7 @@ class GPT2Config:
 
     @property
     def eos_token_ids(self):
-        if self.eos_token_id is None:
-            return set()
-        if isinstance(self.eos_token_id, list):
-            return set(self.eos_token_id)
-        return {self.eos_token_id}
+        return token_id_set(self.eos_token_id)
 
 
 class GPT2Model:

@@ -88,14 +88,19 @@ class LlamaConfig:
 
     @property
     def eos_token_ids(self):
-        if self.eos_token_id is None:
-            return set()
-        if isinstance(self.eos_token_id, list):
-            return set(self.eos_token_id)
-        return {self.eos_token_id}
+        return token_id_set(self.eos_token_id)
 
 
 # ---- shared by the decoders -------------------------------------------------------
+
+def token_id_set(value):
+    """Return a config's token id field (None, one id or a list of ids) as a set."""
+    if value is None:
+        return set()
+    if isinstance(value, list):
+        return set(value)
+    return {value}
+
 
 class KVCache:
     """Keys and values of every token seen so far, per layer, and which of them are padding."""

@@ -181,7 +181,7 @@ class WindowEncoder:
                 word = first
                 while word < len(words):
                     # NOTE: a word of more pieces than fit in a window keeps only its first
-                    # pieces; its label sits on the first piece, so it is still scored.
+                    # pieces. Its label sits on the first piece, so it is still scored.
                     word_ids = pieces[word][:capacity]
                     if len(ids) - 1 + len(word_ids) > capacity:
                         break
@@ -248,7 +248,7 @@ class NerTagger:
 def tag_words(logits_fn, encoder, sentences_words, labels, pad_id=0, batch_size=32, progress=None):
     """Tag every word with the argmax of ``logits_fn(input_ids, attention_mask)`` at its first piece.
 
-    Windows are batched by length to save padding work; the reference kernels
+    Windows are batched by length to save padding work. The reference kernels
     give each row the same bits in any batch, so this does not change a tag.
     """
     windows = encoder.encode(sentences_words)

@@ -4,9 +4,9 @@ One optimizer step takes ``batch_size`` windows in the epoch's seeded order,
 split into micro-batches of ``micro_batch_size`` windows. The loss is the mean
 over the labelled words of the whole step, so the split changes nothing (in
 reference mode, not a bit). The order of epoch e is a permutation drawn from
-numpy's PCG64 seeded with (seed, e), and the dropout masks are hashes of
-(seed, epoch, window index), so a run resumed from the checkpoint written at
-the end of an epoch continues exactly as the uninterrupted run would.
+numpy's PCG64 seeded with (seed, e). The dropout masks are hashes of (seed,
+epoch, window index). So a run resumed from the checkpoint written at the end
+of an epoch continues exactly as the uninterrupted run would.
 
 Output folder:
   best/                          the model of the best dev F1 (BertForTokenClassification layout)
